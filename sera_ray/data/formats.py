@@ -153,7 +153,7 @@ def load_pairs(
     if on_bad_row == "error" and report.problems:
         raise DataError(report.problems)
     if report.rows_valid == 0:
-        raise DataError(report.problems or [Problem(str(path), None, "rows", "no rows")])
+        raise DataError(report.problems)
 
     written = None
     if read.rejected:
@@ -415,12 +415,15 @@ def _normalise_source(source: _Source, seen_ids: dict[str, str]) -> _SourceResul
     kinds = _detect_kinds(source)
     id_column = next((c for c in ID_COLUMNS if c in source.columns), None)
 
-    missing = [c for c in (schema.CHOSEN, schema.REJECTED) if c not in source.columns]
-    if missing:
-        found = ", ".join(source.columns) or "none"
-        problems = [
-            Problem(source.name, None, c, f"column missing (columns: {found})") for c in missing
-        ]
+    found = ", ".join(source.columns) or "none"
+    problems = [
+        Problem(source.name, None, c, f"column missing (columns: {found})")
+        for c in (schema.CHOSEN, schema.REJECTED)
+        if c not in source.columns
+    ]
+    if not source.rows:
+        problems = [Problem(source.name, None, "rows", "no rows")]
+    if problems:
         rejected = [RejectedRow(source.name, None, problems)]
         empty = _normalised_table([], [], source)
         return _SourceResult(kinds.describe(), empty, problems, rejected)
@@ -495,6 +498,7 @@ def _normalise_row(
         value, reason = _as_kind(value, kinds.responses if name != schema.PROMPT else kinds.prompt)
         if reason is not None:
             problems.append(problem(name, reason))
+            continue
         values[name] = value
     problems.extend(problem(where, reason) for where, reason in _message_problems(values))
     if problems:
