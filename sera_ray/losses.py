@@ -7,8 +7,16 @@ from sera_ray.algo.losses import (
     LOSSES,
     PreferenceLoss,
     available_losses,
+    is_reference_free,
     preference_loss,
     register_loss,
 )
 
-__all__ = ["LOSSES", "PreferenceLoss", "available_losses", "preference_loss", "register_loss"]
+__all__ = [
+    "LOSSES",
+    "PreferenceLoss",
+    "available_losses",
+    "is_reference_free",
+    "preference_loss",
+    "register_loss",
+]
