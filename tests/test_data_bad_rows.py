@@ -122,6 +122,20 @@ def test_invalid_utf8_in_a_parquet_binary_column_names_the_row(tmp_path):
     assert f"{path}:1: chosen: undecodable text" in str(error)
 
 
+def test_invalid_utf8_in_a_parquet_string_column_names_the_row(tmp_path):
+    invalid = pa.array([b"yes", b"caf\xe9"], type=pa.binary()).view(pa.string())
+    path = tmp_path / "pairs.parquet"
+    pq.write_table(
+        pa.table({"prompt": ["p", "q"], "chosen": invalid, "rejected": ["a", "b"]}), path
+    )
+
+    error = problems_of(path)
+
+    assert [str(p) for p in error.problems] == [
+        f"{path}:1: chosen: undecodable text (not valid UTF-8)"
+    ]
+
+
 def test_a_line_that_is_not_json_is_reported(tmp_path):
     path = tmp_path / "pairs.jsonl"
     path.write_text(json.dumps(GOOD) + "\n{not json\n", encoding="utf-8")
@@ -173,7 +187,7 @@ def test_skip_mode_loads_the_valid_rows_and_writes_the_rejected_ones(tmp_path):
     result = load_pairs(path, on_bad_row="skip", rejected_path=rejected_path_for(output))
 
     assert result.table.column(schema.PAIR_ID).to_pylist() == ["pairs-1", "pairs-3"]
-    assert (result.report.rows_read, result.report.rows_valid) == (4, 2)
+    assert (result.report.rows_read, result.report.rows_rejected) == (4, 2)
     assert result.rejected_path == tmp_path / "run" / "pairs.rejected.jsonl"
     written = [json.loads(line) for line in result.rejected_path.read_text().splitlines()]
     assert [(line["row"], line["problems"][0]["field"]) for line in written] == [

@@ -159,10 +159,12 @@ def load_pairs(
     if read.rejected:
         if rejected_path is not None:
             written = write_rejected(read.rejected, rejected_path)
+        unreadable = sum(1 for row in read.rejected if row.row is None)
         logger.warning(
-            "skipped %d bad row(s) of %d in %s; %s",
-            report.rows_read - report.rows_valid,
+            "skipped %d bad row(s) of %d and %d file-level problem(s) in %s; %s",
+            report.rows_rejected,
             report.rows_read,
+            unreadable,
             path,
             f"reasons in {written}" if written else "pass rejected_path to keep their reasons",
         )
@@ -172,7 +174,7 @@ def load_pairs(
         read.table.num_rows,
         path,
         report.rows_read,
-        report.rows_read - report.rows_valid,
+        report.rows_rejected,
         time.perf_counter() - started,
     )
     return LoadResult(read.table, report, read.rejected, written)

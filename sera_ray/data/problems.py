@@ -52,6 +52,10 @@ class ValidationReport:
         return self.rows_read > 0 and self.rows_valid == self.rows_read and not self.problems
 
     @property
+    def rows_rejected(self) -> int:
+        return self.rows_read - self.rows_valid
+
+    @property
     def format(self) -> str:
         """The detected format, or each distinct one when the files differ."""
         return "; ".join(dict.fromkeys(self.formats.values())) or "unknown"
