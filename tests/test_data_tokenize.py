@@ -115,6 +115,25 @@ def test_the_output_has_the_tokenized_schema_then_the_passthrough_columns(
     assert table.column("score").to_pylist() == [0.5]
 
 
+def test_a_response_that_merges_with_the_prompt_is_tokenized_on_its_own(plain_tokenizer):
+    pairs = pa.table(
+        {
+            schema.PAIR_ID: ["space"],
+            schema.SOURCE: ["offline"],
+            schema.ITERATION: pa.array([0], type=pa.int32()),
+            schema.PROMPT: ["Sort the digits: "],
+            schema.CHOSEN: ["1 2 3"],
+            schema.REJECTED: ["3 1 2"],
+        }
+    )
+
+    table, stats = tokenize_pairs(pairs, plain_tokenizer, max_prompt_length=64, max_length=128)
+
+    eos = plain_tokenizer.eos_token_id
+    assert table.column(schema.CHOSEN_IDS)[0].as_py() == [*ids(plain_tokenizer, "1 2 3"), eos]
+    assert stats.boundary_mismatches == 2
+
+
 def test_long_prompts_keep_their_last_tokens_and_long_responses_lose_their_eos(plain_tokenizer):
     prompt = "The quick brown fox jumps over the lazy dog. " * 4
     pairs = pa.table(

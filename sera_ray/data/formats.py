@@ -4,7 +4,7 @@ Two formats are understood, in three containers:
 
 - explicit prompt: columns `prompt`, `chosen` and `rejected`. Each is a string or a chat message
   list (`[{"role": ..., "content": ...}]`). A chosen or rejected message list is either the
-  answer alone or the whole conversation ending with the assistant answer, as in
+  response alone or the whole conversation ending with the assistant response, as in
   UltraFeedback-binarized.
 - implicit prompt: only `chosen` and `rejected`, whose shared prefix is the prompt, as in
   Anthropic HH-RLHF. For text, the prompt is the longest common prefix cut back to the end of
@@ -574,7 +574,7 @@ def _from_message_responses(
     if _clean_messages(rejected[:-1]) != history:
         if kinds.prompt is None:
             return None, [(f"{schema.CHOSEN}/{schema.REJECTED}", "no shared prefix")]
-        return None, [(schema.REJECTED, "conversation before the answer differs from chosen's")]
+        return None, [(schema.REJECTED, "conversation before the response differs from chosen's")]
 
     if kinds.prompt == "text":
         prompt = values[schema.PROMPT]
@@ -628,8 +628,8 @@ def _from_text_responses(
 def implicit_prompt(chosen: str, rejected: str) -> str:
     """The prompt two full texts share: their common prefix, cut back to the last turn marker.
 
-    Cutting at the end of "Assistant:" keeps a word both answers happen to start with in the
-    answers, where it belongs.
+    Cutting at the end of "Assistant:" keeps a word both responses happen to start with in the
+    responses, where it belongs.
     """
     prefix = os.path.commonprefix([chosen, rejected])
     marker = prefix.rfind(TURN_MARKER)

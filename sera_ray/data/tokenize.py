@@ -76,11 +76,16 @@ def tokenize_pairs(
     started = time.perf_counter()
     stats = TokenizeStats(rows=table.num_rows)
 
+    # A chat template writes its own BOS into the text when the model wants one.
+    bos = None
+    if not tokenizer.chat_template and adds_bos(tokenizer):
+        bos = tokenizer.bos_token_id
+
     ids = {schema.PROMPT_IDS: [], schema.CHOSEN_IDS: [], schema.REJECTED_IDS: []}
     truncated = []
     for offset in range(0, table.num_rows, BATCH_ROWS):
         batch = table.slice(offset, BATCH_ROWS)
-        prompts, chosen, rejected = _tokenize_batch(batch, tokenizer, stats)
+        prompts, chosen, rejected = _tokenize_batch(batch, tokenizer, bos, stats)
         for prompt_ids, chosen_ids, rejected_ids in zip(prompts, chosen, rejected):
             prompt_ids, chosen_ids, rejected_ids, cut = _truncate(
                 prompt_ids, chosen_ids, rejected_ids, max_prompt_length, max_length, stats
@@ -136,8 +141,9 @@ def prompt_text(tokenizer: Any, prompt: str, prompt_messages: str | None) -> str
 
 
 def _tokenize_batch(
-    batch: pa.Table, tokenizer: Any, stats: TokenizeStats
+    batch: pa.Table, tokenizer: Any, bos: int | None, stats: TokenizeStats
 ) -> tuple[list[list[int]], list[list[int]], list[list[int]]]:
+    """Token ids of a batch of pairs; `bos` goes in front of each prompt when it is not None."""
     prompts = batch.column(schema.PROMPT).to_pylist()
     if PROMPT_MESSAGES in batch.column_names:
         messages = batch.column(PROMPT_MESSAGES).to_pylist()
@@ -155,21 +161,21 @@ def _tokenize_batch(
 
     responses = []
     for name in (schema.CHOSEN, schema.REJECTED):
-        answers = batch.column(name).to_pylist()
-        whole = _encode(tokenizer, [text + answer for text, answer in zip(texts, answers)])
-        alone = _encode(tokenizer, answers)
-        ids = []
-        for prompt_part, whole_ids, alone_ids in zip(prompt_ids, whole, alone):
-            if whole_ids[: len(prompt_part)] == prompt_part:
-                response = whole_ids[len(prompt_part) :]
-            else:
-                stats.boundary_mismatches += 1
-                response = alone_ids
-            ids.append(response + [tokenizer.eos_token_id])
-        responses.append(ids)
+        texts_of_responses = batch.column(name).to_pylist()
+        whole = _encode(tokenizer, [t + r for t, r in zip(texts, texts_of_responses)])
+        ids, mismatched = [], []
+        for index, (prompt_part, whole_ids) in enumerate(zip(prompt_ids, whole)):
+            if whole_ids[: len(prompt_part)] != prompt_part:
+                mismatched.append(index)
+            ids.append(whole_ids[len(prompt_part) :])
+        alone = _encode(tokenizer, [texts_of_responses[index] for index in mismatched])
+        for index, alone_ids in zip(mismatched, alone):
+            ids[index] = alone_ids
+        stats.boundary_mismatches += len(mismatched)
+        responses.append([response + [tokenizer.eos_token_id] for response in ids])
 
-    if not tokenizer.chat_template and adds_bos(tokenizer):
-        prompt_ids = [[tokenizer.bos_token_id, *ids] for ids in prompt_ids]
+    if bos is not None:
+        prompt_ids = [[bos, *ids] for ids in prompt_ids]
     return prompt_ids, responses[0], responses[1]
 
 
