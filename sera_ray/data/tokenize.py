@@ -4,7 +4,8 @@ With a chat template, the prompt is rendered from its messages (a plain prompt b
 message) with the generation prompt appended; without one, it is the prompt text, after BOS
 when the tokenizer is configured to add BOS. A response is tokenized as the continuation of the
 rendered prompt and ends with EOS, so `prompt_ids + chosen_ids` is the tokenization of the whole
-text followed by EOS.
+text followed by EOS. Where the whole text merges the response's first characters into the
+prompt's last token (a prompt ending in a space, say), the response is tokenized on its own.
 """
 
 from __future__ import annotations
