@@ -17,6 +17,7 @@ ITERATION = "iteration"  # 0 for offline data as loaded; t for pairs bootstrappe
 
 # Text (kept for inspection and for the run directory).
 PROMPT = "prompt"
+PROMPT_MESSAGES = "prompt_messages"  # JSON of the prompt's chat messages; null for plain text
 CHOSEN = "chosen"
 REJECTED = "rejected"
 
