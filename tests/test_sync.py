@@ -30,13 +30,19 @@ EXTRA_TENSORS = {
 class ModelHolder:
     """A tiny Llama in an actor: sends its weights, or receives and loads someone else's."""
 
-    def __init__(self, config, seed: int):
+    def __init__(self, config):
+        self.config = config
+        self.model = None
+        self.transport = None
+        self.received_extras: dict[str, torch.Tensor] = {}
+
+    def reset(self, seed: int) -> None:
+        """Fresh random weights from `seed`, so each test starts from models that disagree."""
         from transformers import AutoModelForCausalLM
 
         torch.manual_seed(seed)
-        self.model = AutoModelForCausalLM.from_config(config).float().eval()
-        self.transport = None
-        self.received_extras: dict[str, torch.Tensor] = {}
+        self.model = AutoModelForCausalLM.from_config(self.config).float().eval()
+        self.received_extras = {}
 
     def checksum(self) -> str:
         return weights_checksum(self.model.state_dict().items())
@@ -67,14 +73,14 @@ class ModelHolder:
         self.transport.init_group(addr, port, rank, world_size, backend="gloo", timeout_s=60)
 
     def send(self, transport_name: str, with_extras: bool = False):
-        transport = self.transport or make_transport(transport_name)
+        transport = self._transport(transport_name)
         tensors = list(self.model.state_dict().items())
         if with_extras:
             tensors += list(EXTRA_TENSORS.items())
         return transport.send_weights(iter(tensors))
 
     def receive(self, transport_name: str, payload=None) -> list[tuple[str, str, list[int]]]:
-        transport = self.transport or make_transport(transport_name)
+        transport = self._transport(transport_name)
         weights, layout = {}, []
         for name, tensor in transport.receive_weights(payload):
             layout.append((name, str(tensor.dtype), list(tensor.shape)))
@@ -88,12 +94,25 @@ class ModelHolder:
     def extras_checksum(self) -> str:
         return weights_checksum(self.received_extras.items())
 
+    def _transport(self, name: str):
+        return self.transport if name == "collective" else make_transport(name)
+
 
 @pytest.fixture(scope="module")
 def ray_cluster():
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
     yield
     ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def holders(ray_cluster, tiny_model):
+    """Three model holders, started once: actor start-up is most of this module's time."""
+    return [ModelHolder.remote(tiny_model.config) for _ in range(3)]
+
+
+def reset_weights(holders, seeds) -> None:
+    ray.get([holder.reset.remote(seed) for holder, seed in zip(holders, seeds)])
 
 
 @pytest.fixture(scope="module")
@@ -107,9 +126,9 @@ def test_both_transports_are_registered_by_name():
         make_transport("carrier_pigeon")
 
 
-def test_object_store_sync_makes_receiver_match_sender(ray_cluster, tiny_model, probes):
-    sender = ModelHolder.remote(tiny_model.config, seed=0)
-    receiver = ModelHolder.remote(tiny_model.config, seed=1)
+def test_object_store_sync_makes_receiver_match_sender(holders, tiny_model, probes):
+    sender, receiver = holders[:2]
+    reset_weights([sender, receiver], seeds=(0, 1))
     before = ray.get([sender.checksum.remote(), receiver.checksum.remote()])
     assert before[0] != before[1]
 
@@ -130,10 +149,12 @@ def test_object_store_sync_makes_receiver_match_sender(ray_cluster, tiny_model, 
 
 
 def test_collective_sync_broadcasts_mixed_dtypes_in_buckets_to_two_receivers(
-    ray_cluster, tiny_model, probes
+    holders, tiny_model, probes
 ):
-    sender = ModelHolder.remote(tiny_model.config, seed=0)
-    receivers = [ModelHolder.remote(tiny_model.config, seed=s) for s in (1, 2)]
+    sender, *receivers = holders
+    reset_weights(holders, seeds=(0, 1, 2))
+    checksums_before = ray.get([holder.checksum.remote() for holder in holders])
+    assert len(set(checksums_before)) == 3
     ray.get(sender.join_default_group.remote(port=free_port()))
     addr, port = ray.get(sender.master_address.remote())
     ray.get(
