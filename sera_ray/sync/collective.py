@@ -150,6 +150,8 @@ class CollectiveTransport(WeightTransport):
         Each tensor is copied as it arrives, so an iterator that gathers one ZeRO-3 parameter at
         a time may release it as soon as it advances.
         """
+        # Limitation: if the sender fails between buckets, the receivers learn of it only when
+        # their broadcast times out (`timeout_s` of init_group); nothing aborts them sooner.
         group = self._member(sender=True)
         start = time.perf_counter()
         checksum = WeightsChecksum()
@@ -167,6 +169,8 @@ class CollectiveTransport(WeightTransport):
             bucket_bytes += flat.numel() * flat.element_size()
             num_bytes += flat.numel() * flat.element_size()
             num_tensors += 1
+            # Limitation: hashing copies each tensor to host memory, which on GPUs costs a
+            # device-to-host transfer of the whole model; `checksum=False` skips it.
             if self.checksum:
                 checksum.update(name, flat.view(tensor.shape))
 
