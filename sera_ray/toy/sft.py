@@ -174,6 +174,8 @@ def sample_answers(
                     finished = tokenizer.eos_token_id in new_ids
                     if finished:
                         new_ids = new_ids[: new_ids.index(tokenizer.eos_token_id)]
+                    # Limitation: a PAD or BOS sampled mid-answer vanishes from the text, so
+                    # the gold reward never sees it; after SFT such tokens are vanishingly rare.
                     answer = tokenizer.decode(new_ids, skip_special_tokens=True)
                     results[index * num_samples + row % num_samples] = Sample(
                         prompt=prompts[index], answer=answer, finished=finished
