@@ -51,10 +51,11 @@ def _validate(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from sera_ray.toy.demo import run_demo
+    from sera_ray.toy.demo import format_table, run_demo
 
-    run_demo(out=args.out, overrides=args.overrides, small=args.small)
-    return 0
+    report = run_demo(out=args.out, overrides=args.overrides, small=args.small)
+    print(format_table(report))
+    return 0 if report["weight_sync_verified"] else 1
 
 
 def _bench_quality(args: argparse.Namespace) -> int:

@@ -40,6 +40,9 @@ class DataConfig(_Section):
     max_prompt_length: int = Field(256, gt=0)  # longer prompts keep their last tokens
     max_length: int = Field(512, gt=0)  # prompt + response; longer responses are cut
     on_bad_row: Literal["error", "skip"] = "error"  # never drop rows silently
+    # Another run directory with the same data, tokenizer and reference: its tokenized pairs
+    # and reference log-probs are copied instead of computed again (sweeps, benchmarks).
+    reuse_from: str | None = None
 
 
 class SeraConfig(_Section):

@@ -21,8 +21,9 @@ from __future__ import annotations
 
 import logging
 import math
+import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,6 +44,8 @@ from sera_ray.sync.base import WeightSyncError
 from sera_ray.sync.probe import compare_probe_logprobs, probe_sequences
 
 logger = logging.getLogger(__name__)
+
+IterationHook = Callable[["SeraDriver", int], "dict[str, Any] | None"]
 
 
 # Stage bodies that run next to the run directory (on the driver's node) as Ray tasks, so the
@@ -168,6 +171,31 @@ def _build_bootstrap(
     return summary.to_dict()
 
 
+def map_blocks(blocks: list[Any], actors: list[Any], method: str, desc: str, *args: Any) -> list:
+    """Call `method` on each block, round-robin over `actors`; a progress bar tracks it."""
+    refs = [
+        getattr(actors[i % len(actors)], method).remote(block, *args)
+        for i, block in enumerate(blocks)
+    ]
+    pending = list(refs)
+    with tqdm(total=len(refs), desc=desc, unit="block", leave=False) as bar:
+        while pending:
+            done, pending = ray.wait(pending, num_returns=1)
+            bar.update(len(done))
+    return refs
+
+
+def sample_responses(
+    generators: list[Any], prompts: pa.Table, sampling: dict[str, Any], batch_size: int
+) -> pa.Table:
+    """Responses of `generators` for `prompts` (prompt_id, prompt, prompt_ids), in order."""
+    if not generators:
+        raise ValueError("no generator to sample from")
+    blocks = [ray.put(prompts.slice(i, batch_size)) for i in range(0, prompts.num_rows, batch_size)]
+    refs = map_blocks(blocks, generators, "generate", "sample", sampling, batch_size)
+    return pa.concat_tables(ray.get(refs))
+
+
 @dataclass
 class RunSummary:
     """What a run did: per-iteration counts, stage seconds, and whether every sync verified."""
@@ -221,21 +249,6 @@ class SeraDriver:
         where = "" if iteration is None else f" (iteration {iteration})"
         logger.info("stage %s%s done in %.1fs: %s", name, where, seconds, shown)
 
-    def _map_blocks(
-        self, blocks: list[Any], actors: list[Any], method: str, desc: str, *args: Any
-    ) -> list[Any]:
-        """Call `method` on each block, round-robin over `actors`; a progress bar tracks it."""
-        refs = [
-            getattr(actors[i % len(actors)], method).remote(block, *args)
-            for i, block in enumerate(blocks)
-        ]
-        pending = list(refs)
-        with tqdm(total=len(refs), desc=desc, unit="block", leave=False) as bar:
-            while pending:
-                done, pending = ray.wait(pending, num_returns=1)
-                bar.update(len(done))
-        return refs
-
     def _blocks(self, path: Path, rows_per_block: int, columns: list[str] | None = None):
         """Object refs of Arrow blocks of a Parquet file, read through Ray Data."""
         rows = pq.ParquetFile(path).metadata.num_rows
@@ -244,14 +257,20 @@ class SeraDriver:
 
     # The loop.
 
-    def execute(self) -> RunSummary:
-        """Run (or resume) every iteration; returns the run's summary."""
+    def execute(self, on_iteration: IterationHook | None = None) -> RunSummary:
+        """Run (or resume) every iteration; returns the run's summary.
+
+        `on_iteration(driver, t)` runs after each iteration's sync (an evaluation, say); what
+        it returns is kept in that iteration's record under "eval".
+        """
         cfg = self.config
         run = self.run
         if not cfg.run.resume:
             run.reset_state()
         run.config_path.write_text(cfg.to_yaml())
 
+        if cfg.data.reuse_from and not run.is_complete("reference_scores"):
+            self._reuse_prepared_data(RunDir(cfg.data.reuse_from))
         if not run.is_complete("data"):
             with self._stage("data") as counts:
                 counts.update(self._local(_prepare_data, cfg.to_dict(), str(run.root)))
@@ -262,7 +281,7 @@ class SeraDriver:
         if not run.is_complete("reference_scores"):
             with self._stage("reference_scores") as counts:
                 blocks, rows = self._blocks(run.offline_path, cfg.scoring.rows_per_block)
-                scored = self._map_blocks(
+                scored = map_blocks(
                     blocks, self.roles.reference_scorers, "score_pairs", "reference scores"
                 )
                 counts["pairs"] = self._local(_write_blocks, scored, str(run.offline_path))
@@ -281,6 +300,10 @@ class SeraDriver:
 
         for iteration in range(first, cfg.sera.iterations + 1):
             self._iteration(iteration)
+            if on_iteration is not None:
+                with self._stage("eval", iteration) as counts:
+                    counts.update(on_iteration(self, iteration) or {})
+                self.summary.iterations[-1]["eval"] = counts
             run.mark_complete(f"iter_{iteration}")
         self.metrics.log(
             {
@@ -290,6 +313,17 @@ class SeraDriver:
             }
         )
         return self.summary
+
+    def _reuse_prepared_data(self, source: RunDir) -> None:
+        """Copy the tokenized, reference-scored pairs and the prompts of another run."""
+        if not source.is_complete("reference_scores"):
+            raise RuntimeError(f"data.reuse_from={source.root} has no reference scores yet")
+        with self._stage("reuse_data") as counts:
+            for name in (source.offline_path.name, source.prompts_path.name):
+                shutil.copyfile(source.root / name, self.run.root / name)
+            counts["from"] = str(source.root)
+        self.run.mark_complete("data")
+        self.run.mark_complete("reference_scores")
 
     def _iteration(self, t: int) -> None:
         cfg = self.config
@@ -348,7 +382,7 @@ class SeraDriver:
                 **options,
             )
         blocks, _ = self._blocks(run.offline_path, cfg.scoring.rows_per_block)
-        scored = self._map_blocks(
+        scored = map_blocks(
             blocks, self.roles.policy_scorers, "score_pairs", f"policy scores (iteration {t})"
         )
         return self._local(
@@ -394,7 +428,7 @@ class SeraDriver:
         ]
         candidates = []
         for offset, (generators, n) in enumerate(sources[boot.candidates]):
-            candidates += self._map_blocks(
+            candidates += map_blocks(
                 prompts,
                 generators,
                 "generate",
@@ -404,10 +438,10 @@ class SeraDriver:
             )
 
         # 2. score each candidate under the policy (and the previous policy) and the reference
-        scored = self._map_blocks(
+        scored = map_blocks(
             candidates, self.roles.policy_scorers, "score_responses", "policy scores"
         )
-        scored = self._map_blocks(
+        scored = map_blocks(
             scored, self.roles.reference_scorers, "score_responses", "reference scores"
         )
 
@@ -601,19 +635,11 @@ class SeraDriver:
     def sample(
         self, prompts: pa.Table, sampling: dict[str, Any], weights: str = "policy"
     ) -> pa.Table:
-        """Sample responses for `prompts` (prompt_id, prompt, prompt_ids) from the current
-        policy or from the reference."""
+        """Sample responses from the current policy (or the reference) for `prompts`."""
         generators = (
             self.roles.policy_generators if weights == "policy" else self.roles.reference_generators
         )
-        if not generators:
-            raise ValueError(f"this run has no {weights} generator")
-        batch = self.config.generation.batch_size
-        blocks = [ray.put(prompts.slice(i, batch)) for i in range(0, prompts.num_rows, batch)]
-        refs = self._map_blocks(
-            blocks, generators, "generate", f"sample {weights}", sampling, batch
-        )
-        return pa.concat_tables(ray.get(refs))
+        return sample_responses(generators, prompts, sampling, self.config.generation.batch_size)
 
     def shutdown(self) -> None:
         self.metrics.close()
@@ -629,10 +655,12 @@ def _short(value: Any) -> str:
     return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
-def run_sera(config: Config, roles: Roles | None = None) -> RunSummary:
+def run_sera(
+    config: Config, roles: Roles | None = None, on_iteration: IterationHook | None = None
+) -> RunSummary:
     """Run SeRA for `config`; starts (and afterwards stops) the actors unless given `roles`."""
     driver = SeraDriver(config, roles)
     try:
-        return driver.execute()
+        return driver.execute(on_iteration)
     finally:
         driver.shutdown()
