@@ -30,6 +30,19 @@ def local_ray():
 
 
 @pytest.fixture(scope="module")
+def roles(local_ray, tmp_path_factory, tiny_model_dir, pairs_file):
+    """One set of actors serves every run of this module, as in the demo and the benchmark:
+    a reference generator for mixed candidates, and policy scorers that keep the previous
+    policy for the iteration ensemble."""
+    config = small_config(
+        tmp_path_factory.mktemp("roles"), tiny_model_dir, pairs_file, "sera.ensemble_lambda=0.5"
+    )
+    roles = launch_roles(config, reference_generator=True)
+    yield roles
+    roles.shutdown()
+
+
+@pytest.fixture(scope="module")
 def pairs_file(tmp_path_factory):
     rng = random.Random(0)
     path = tmp_path_factory.mktemp("data") / "pairs.jsonl"
@@ -68,12 +81,12 @@ def small_config(tmp_path, model_dir, pairs_file, *overrides):
     )
 
 
-def test_two_iterations_train_sync_and_bootstrap(local_ray, tmp_path, tiny_model_dir, pairs_file):
+def test_two_iterations_train_sync_and_bootstrap(roles, tmp_path, tiny_model_dir, pairs_file):
     config = small_config(
         tmp_path, tiny_model_dir, pairs_file, "trainer.zero_stage=2", "sync.transport=collective"
     )
 
-    summary = run_sera(config)
+    summary = run_sera(config, roles)
 
     run = tmp_path / "e2e"
     # The policy changed.
@@ -104,7 +117,7 @@ def test_two_iterations_train_sync_and_bootstrap(local_ray, tmp_path, tiny_model
     assert json.loads((run / "state.json").read_text())["completed"][-1] == "iter_2"
 
 
-def test_zero3_with_object_store_sync_and_ensemble(local_ray, tmp_path, tiny_model_dir, pairs_file):
+def test_zero3_with_object_store_sync_and_ensemble(roles, tmp_path, tiny_model_dir, pairs_file):
     config = small_config(
         tmp_path,
         tiny_model_dir,
@@ -115,9 +128,13 @@ def test_zero3_with_object_store_sync_and_ensemble(local_ray, tmp_path, tiny_mod
         "bootstrap.candidates=mixed",
     )
 
-    summary = run_sera(config)
+    summary = run_sera(config, roles)
 
-    assert summary.weight_sync_verified and summary.syncs == 2
+    assert summary.weight_sync_verified
+    syncs = [
+        r for r in read_metrics(tmp_path / "e2e" / "metrics.jsonl") if r.get("stage") == "sync"
+    ]
+    assert len(syncs) == 2 and all(r["sync/verified"] for r in syncs)
     bootstrap = pq.read_table(tmp_path / "e2e" / "iter_2" / "bootstrap.parquet")
     sources = set(bootstrap.column("chosen_candidate_source").to_pylist())
     sources |= set(bootstrap.column("rejected_candidate_source").to_pylist())
@@ -127,13 +144,13 @@ def test_zero3_with_object_store_sync_and_ensemble(local_ray, tmp_path, tiny_mod
 
 
 def test_a_run_resumes_after_its_last_complete_iteration(
-    local_ray, tmp_path, tiny_model_dir, pairs_file
+    roles, tmp_path, tiny_model_dir, pairs_file
 ):
     config = small_config(tmp_path, tiny_model_dir, pairs_file, "sera.iterations=1")
-    run_sera(config)
+    run_sera(config, roles)
     longer = small_config(tmp_path, tiny_model_dir, pairs_file, "sera.iterations=2")
 
-    summary = run_sera(longer)
+    summary = run_sera(longer, roles)
 
     assert [record["iteration"] for record in summary.iterations] == [2]
     assert "data" not in summary.stage_seconds  # reused from the first run
