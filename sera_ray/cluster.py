@@ -50,7 +50,7 @@ def connect(config: Config) -> None:
         logger.info("connected to the Ray cluster at %s", address)
         return
     num_cpus = config.cluster.local_num_cpus or max(8, os.cpu_count() or 1)
-    ray.init(num_cpus=num_cpus, runtime_env=runtime_env, include_dashboard=False)
+    ray.init(address="local", num_cpus=num_cpus, runtime_env=runtime_env, include_dashboard=False)
     logger.info("started a local Ray with %d logical CPUs", num_cpus)
 
 

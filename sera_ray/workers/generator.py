@@ -101,7 +101,11 @@ class GeneratorWorker(WeightReceiver):
         if self._transport.concurrent:
             self.backend.receive_weights_collective()
         else:
-            blob = payload if isinstance(payload, bytes | bytearray) else self._blob(payload)
+            blob = (
+                payload
+                if isinstance(payload, bytes | bytearray | memoryview)
+                else self._blob(payload)
+            )
             self.backend.load_weights_blob(bytes(blob))
         return {"seconds": time.perf_counter() - start}
 
