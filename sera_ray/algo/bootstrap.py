@@ -46,6 +46,20 @@ CANDIDATE_COLUMNS = (
     RESPONSE_LEN,
 )
 
+# What a generator returns: the sampled responses before any scoring.
+SAMPLED_SCHEMA = pa.schema(
+    [
+        pa.field(PROMPT_ID, pa.string()),
+        pa.field(schema.PROMPT, pa.string()),
+        pa.field(schema.PROMPT_IDS, pa.list_(pa.int32())),
+        pa.field(RESPONSE, pa.string()),
+        pa.field(RESPONSE_IDS, pa.list_(pa.int32())),
+        pa.field(FINISHED, pa.bool_()),
+        pa.field(RESPONSE_LEN, pa.int32()),
+        pa.field(CANDIDATE_SOURCE, pa.string()),
+    ]
+)
+
 SCORE_FIELDS = [
     pa.field(schema.REF_CHOSEN_LOGP, pa.float64()),
     pa.field(schema.REF_REJECTED_LOGP, pa.float64()),

@@ -11,24 +11,14 @@ import pyarrow as pa
 import torch
 from transformers import AutoTokenizer
 
+from sera_ray.algo.bootstrap import SAMPLED_SCHEMA
 from sera_ray.sync.base import make_transport
 from sera_ray.workers.backends import SamplingSettings, make_backend, resolve_backend_name
 from sera_ray.workers.receiver import WeightReceiver
 
 logger = logging.getLogger(__name__)
 
-CANDIDATES_SCHEMA = pa.schema(
-    [
-        pa.field("prompt_id", pa.string()),
-        pa.field("prompt", pa.string()),
-        pa.field("prompt_ids", pa.list_(pa.int32())),
-        pa.field("response", pa.string()),
-        pa.field("response_ids", pa.list_(pa.int32())),
-        pa.field("finished", pa.bool_()),
-        pa.field("response_len", pa.int32()),
-        pa.field("candidate_source", pa.string()),
-    ]
-)
+CANDIDATES_SCHEMA = SAMPLED_SCHEMA
 
 
 class GeneratorWorker(WeightReceiver):
