@@ -33,10 +33,12 @@ SYNC_METRICS = (
 # Every stage record carries its wall-clock seconds, labelled with the stage's name.
 STAGE_METRICS = ("seconds",)
 
-# The stages of the driver, as the `stage` label spells them; "eval" runs only where a caller
-# (the toy demo, the benchmark) evaluates each iteration's policy.
+# The stages of the driver, as the `stage` label spells them. "reuse_data" replaces "data" and
+# "reference_scores" when a run copies another run's prepared pairs (data.reuse_from); "eval"
+# runs only where a caller (the toy demo, the benchmark) evaluates each iteration's policy.
 STAGES = (
     "data",
+    "reuse_data",
     "reference_scores",
     "select",
     "bootstrap",
