@@ -209,16 +209,20 @@ def test_a_misspelled_field_is_rejected_by_the_kuberay_crd(raycluster_validator)
 
 
 def test_an_int_or_string_field_accepts_both(raycluster_validator):
-    manifest = read_yaml(CLUSTERS / "kuberay-raycluster.yaml")
-    limits = manifest["spec"]["headGroupSpec"]["template"]["spec"]["containers"][0]["resources"]
+    as_string = read_yaml(CLUSTERS / "kuberay-raycluster.yaml")
+    as_number = copy.deepcopy(as_string)
+    head_limits(as_number)["cpu"] = 8
 
-    as_number = copy.deepcopy(manifest)
-    as_number_limits = as_number["spec"]["headGroupSpec"]["template"]["spec"]["containers"][0]
-    as_number_limits["resources"]["limits"]["cpu"] = 8
+    errors = errors_of(raycluster_validator, as_string) + errors_of(raycluster_validator, as_number)
 
-    assert isinstance(limits["limits"]["cpu"], str)
-    assert errors_of(raycluster_validator, manifest) == []
-    assert errors_of(raycluster_validator, as_number) == []
+    assert head_limits(as_string)["cpu"] == "8"
+    assert errors == []
+
+
+def head_limits(manifest: dict) -> dict:
+    return manifest["spec"]["headGroupSpec"]["template"]["spec"]["containers"][0]["resources"][
+        "limits"
+    ]
 
 
 def gpu_limit(group: dict) -> int:
