@@ -1,7 +1,8 @@
 """Metrics: one JSON line per step and per stage, mirrored to TensorBoard and Prometheus.
 
 The names are the same everywhere (`rewards/margins`, `sync/seconds`, ...); Prometheus gets
-them with `/` replaced by `_` and a `sera_` prefix, as its naming rules require.
+them with `/` replaced by `_` and a `sera_` prefix, as its naming rules require, and Ray's
+metrics agent adds its own `ray_` in front (`ray_sera_sync_seconds`).
 """
 
 from __future__ import annotations
