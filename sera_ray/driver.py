@@ -275,7 +275,7 @@ class SeraDriver:
             with self._stage("data") as counts:
                 counts.update(self._local(_prepare_data, cfg.to_dict(), str(run.root)))
             run.mark_complete("data")
-        self._start_learners()
+        self._start_process_group()
         self._join_weight_sync()
 
         if not run.is_complete("reference_scores"):
@@ -291,11 +291,15 @@ class SeraDriver:
             (t for t in range(1, cfg.sera.iterations + 1) if run.is_complete(f"iter_{t}")),
             default=0,
         )
+        # The learners start from the initial policy, or from the last complete iteration;
+        # receivers are synced to them unless they already hold the initial policy.
         if first > 1:
             logger.info("resuming after iteration %d", first - 1)
-            self._reset_policy(str(run.checkpoint_dir(first - 1)))
-        elif self.roles.used:
-            self._reset_policy(cfg.model.policy)
+            self._setup_learners(str(run.checkpoint_dir(first - 1)))
+        else:
+            self._setup_learners(cfg.model.policy)
+        if first > 1 or self.roles.used:
+            self._sync_weights()
         self.roles.used = True
 
         for iteration in range(first, cfg.sera.iterations + 1):
@@ -501,23 +505,18 @@ class SeraDriver:
 
     # Learners and weight sync.
 
-    def _start_learners(self) -> None:
+    def _start_process_group(self) -> None:
+        """The learners' torch.distributed group (once per set of actors)."""
         learners = self.roles.learners
         if not self.roles.process_group_ready:
             master_addr, master_port = ray.get(learners[0].address.remote())
             ray.get([lr.init_process_group.remote(master_addr, master_port) for lr in learners])
             self.roles.process_group_ready = True
-        self._setup_learners(self.config.model.policy)
 
     def _setup_learners(self, model_path: str) -> None:
         trainer = self.config.trainer.model_dump()
         dtype = self.config.model.dtype
         ray.get([lr.setup.remote(model_path, trainer, dtype) for lr in self.roles.learners])
-
-    def _reset_policy(self, model_path: str) -> None:
-        """Learners and every policy receiver start again from `model_path`."""
-        self._setup_learners(model_path)
-        self._sync_weights()
 
     def _join_weight_sync(self) -> None:
         """Rank 0 of the learners and every policy receiver join the transport (once)."""
