@@ -41,9 +41,10 @@ def test_report_has_every_method_iteration_and_stage(demo_report):
     assert set(written["methods"]) == {"sft", "dpo", "sera", "sera_ref"}
     for metrics in written["methods"].values():
         assert METHOD_KEYS <= set(metrics)
+    assert written["iterations"] == written["iterations_by_method"]["sera"]
     for method in ("sera", "sera_ref"):
-        assert [e["iteration"] for e in written["iterations"][method]] == [1, 2]
-        for entry in written["iterations"][method]:
+        assert [e["iteration"] for e in written["iterations_by_method"][method]] == [1, 2]
+        for entry in written["iterations_by_method"][method]:
             assert ITERATION_KEYS <= set(entry)
     assert written["stage_seconds"]["world"] > 0
     assert written["config"]["trainer"]["loss"] == "dpo"
@@ -66,7 +67,7 @@ def test_sft_warm_up_raised_gold_reward_over_the_random_model(demo_report):
 def test_selection_dropped_more_of_the_noisy_pairs_than_of_the_clean(demo_report):
     _, report = demo_report
 
-    second = report["iterations"]["sera"][1]
+    second = report["iterations"][1]
 
     assert second["dropped"] > 0 and second["bootstrapped"] > 0
     assert second["noisy_dropped_fraction"] > second["clean_dropped_fraction"]

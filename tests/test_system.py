@@ -12,6 +12,7 @@ import pytest
 import ray
 import torch
 from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
 
 from sera_ray.cluster import InsufficientResourcesError, launch_roles
 from sera_ray.config import load_config
@@ -98,6 +99,8 @@ def test_two_iterations_train_sync_and_bootstrap(roles, tmp_path, tiny_model_dir
     before = load_file(tiny_model_dir / "model.safetensors")
     after = load_file(run / "iter_2" / "checkpoint" / "model.safetensors")
     assert any(not torch.equal(before[name], after[name]) for name in before)
+    reloaded = AutoModelForCausalLM.from_pretrained(run / "iter_2" / "checkpoint")
+    assert torch.equal(reloaded.lm_head.weight, after["lm_head.weight"])
     # Every sync made generator and scorer agree with the learner: probes and checksums.
     assert summary.weight_sync_verified and summary.syncs == 2
     syncs = [r for r in read_metrics(run / "metrics.jsonl") if r.get("stage") == "sync"]

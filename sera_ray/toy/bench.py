@@ -122,7 +122,7 @@ def run_quality_bench(
                     "method": method,
                     "sft": report["methods"]["sft"],
                     "result": report["methods"][method],
-                    "iterations": report["iterations"][method],
+                    "iterations": report["iterations_by_method"][method],
                     "weight_sync_verified": report["weight_sync_verified"],
                 }
                 (cells_dir / f"{names[method]}.json").write_text(json.dumps(cell, default=float))

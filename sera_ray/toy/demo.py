@@ -187,7 +187,7 @@ def run_methods(
         reference_generator=needs_reference,
     )
     evaluator = Evaluator(world, first)
-    report: dict[str, Any] = {"methods": {}, "iterations": {}, "stage_seconds": {}}
+    report: dict[str, Any] = {"methods": {}, "iterations_by_method": {}, "stage_seconds": {}}
     try:
         start = time.perf_counter()
         report["methods"]["sft"] = evaluator.evaluate(roles.policy_generators)
@@ -219,7 +219,7 @@ def run_methods(
             }
             run_dir = Path(summary.run_dir)
             prepared = prepared or str(run_dir)
-            report["iterations"][name] = [
+            report["iterations_by_method"][name] = [
                 iteration_report(world, run_dir, record) for record in summary.iterations
             ]
             for stage, seconds in summary.stage_seconds.items():
@@ -257,7 +257,7 @@ def plot_report(
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
     sft = report["methods"]["sft"]["gold_reward"]
-    for name, entries in report["iterations"].items():
+    for name, entries in report["iterations_by_method"].items():
         xs = [0] + [e["iteration"] for e in entries]
         ys = [sft] + [e["gold_reward"] for e in entries]
         left.plot(xs, ys, marker="o", label=METHOD_NAMES.get(name, name))
@@ -303,7 +303,7 @@ def format_table(report: dict[str, Any]) -> str:
             f"{METHOD_NAMES.get(name, name):44s} {m['gold_reward']:6.3f} "
             f"{win:10.3f} {m['spurious_rate']:9.3f} {m['mean_length']:7.2f}"
         )
-    for name, entries in report["iterations"].items():
+    for name, entries in report["iterations_by_method"].items():
         if name == "dpo":
             continue
         lines.append("")
@@ -349,6 +349,7 @@ def run_demo(
     world_seconds = time.perf_counter() - start
 
     report = run_methods(world, out, METHODS, list(overrides or []))
+    report["iterations"] = report["iterations_by_method"]["sera"]  # SeRA-DPO's iterations
     report["stage_seconds"] = {"world": round(world_seconds, 3), **report["stage_seconds"]}
     report["world"] = world.stats
     report["config"] = toy_config(world, out, "sera", list(overrides or [])).to_dict()
