@@ -262,7 +262,10 @@ def plot_report(
         ys = [sft] + [e["gold_reward"] for e in entries]
         left.plot(xs, ys, marker="o", label=METHOD_NAMES.get(name, name))
     left.axhline(sft, color="grey", linestyle=":", label="SFT")
-    left.set_xlabel("iteration")
+    left.set_xticks(
+        range(0, 1 + max((len(e) for e in report["iterations_by_method"].values()), default=0))
+    )
+    left.set_xlabel("iteration (0: SFT)")
     left.set_ylabel("gold reward (held-out prompts)")
     left.set_title("Gold reward per iteration")
     left.legend(fontsize=8)
