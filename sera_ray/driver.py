@@ -173,6 +173,8 @@ def _build_bootstrap(
 
 def map_blocks(blocks: list[Any], actors: list[Any], method: str, desc: str, *args: Any) -> list:
     """Call `method` on each block, round-robin over `actors`; a progress bar tracks it."""
+    if not actors:
+        raise ValueError(f"{desc}: this run has no actor of that role (see cluster.plan_roles)")
     refs = [
         getattr(actors[i % len(actors)], method).remote(block, *args)
         for i, block in enumerate(blocks)
@@ -189,8 +191,6 @@ def sample_responses(
     generators: list[Any], prompts: pa.Table, sampling: dict[str, Any], batch_size: int
 ) -> pa.Table:
     """Responses of `generators` for `prompts` (prompt_id, prompt, prompt_ids), in order."""
-    if not generators:
-        raise ValueError("no generator to sample from")
     blocks = [ray.put(prompts.slice(i, batch_size)) for i in range(0, prompts.num_rows, batch_size)]
     refs = map_blocks(blocks, generators, "generate", "sample", sampling, batch_size)
     return pa.concat_tables(ray.get(refs))
