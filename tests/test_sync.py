@@ -99,13 +99,6 @@ class ModelHolder:
 
 
 @pytest.fixture(scope="module")
-def ray_cluster():
-    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
-
-
-@pytest.fixture(scope="module")
 def holders(ray_cluster, tiny_model):
     """Three model holders, started once: actor start-up is most of this module's time."""
     return [ModelHolder.remote(tiny_model.config) for _ in range(3)]

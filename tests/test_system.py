@@ -9,7 +9,6 @@ import random
 
 import pyarrow.parquet as pq
 import pytest
-import ray
 import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
@@ -24,19 +23,7 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def local_ray():
-    ray.init(
-        address="local",
-        num_cpus=8,
-        include_dashboard=False,
-        runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1"}},
-    )
-    yield
-    ray.shutdown()
-
-
-@pytest.fixture(scope="module")
-def roles(local_ray, tmp_path_factory, tiny_model_dir, pairs_file):
+def roles(ray_cluster, tmp_path_factory, tiny_model_dir, pairs_file):
     """One set of actors serves every run of this module, as in the demo and the benchmark:
     a reference generator for mixed candidates, and policy scorers that keep the previous
     policy for the iteration ensemble."""
@@ -166,7 +153,7 @@ def test_a_run_resumes_after_its_last_complete_iteration(
 
 
 def test_roles_that_cannot_be_placed_fail_fast_naming_the_role(
-    local_ray, tmp_path, tiny_model_dir, pairs_file
+    ray_cluster, tmp_path, tiny_model_dir, pairs_file
 ):
     config = small_config(
         tmp_path,

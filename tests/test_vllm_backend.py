@@ -7,7 +7,6 @@ The engine lives in a Ray actor, never in the pytest process. Run with `make tes
 from __future__ import annotations
 
 import logging
-import os
 import time
 
 import pytest
@@ -58,14 +57,6 @@ class WeightSender:
 
     def send(self):
         return self.transport.send_weights(iter(self.state_dict.items()))
-
-
-@pytest.fixture(scope="module")
-def ray_cluster():
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
 
 
 @pytest.fixture(scope="module")

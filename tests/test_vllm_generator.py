@@ -10,7 +10,6 @@ transformers, and `weights_checksum`. Run with `make test-vllm`; add
 from __future__ import annotations
 
 import logging
-import os
 import time
 
 import pyarrow as pa
@@ -50,14 +49,6 @@ class WeightSender:
 
     def send_weights(self):
         return self.transport.send_weights(iter(self.state_dict.items()))
-
-
-@pytest.fixture(scope="module")
-def ray_cluster():
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
 
 
 @pytest.fixture(scope="module")
