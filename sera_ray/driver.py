@@ -153,8 +153,8 @@ def _build_bootstrap(
     table = _concat(block_refs)
     policy = np.asarray(table.column("policy_logp").to_numpy(), dtype=np.float64)
     ref = np.asarray(table.column("ref_logp").to_numpy(), dtype=np.float64)
-    lengths = np.asarray(table.column("response_len").to_numpy(), dtype=np.float64)
-    reward = implicit_reward(policy, ref, beta=beta, kind=kind, lengths=np.maximum(lengths, 1))
+    lengths = np.maximum(np.asarray(table.column("response_len").to_numpy(), np.float64), 1)
+    reward = implicit_reward(policy, ref, beta=beta, kind=kind, lengths=lengths)
     if lam > 0:
         previous = np.asarray(table.column("previous_logp").to_numpy(), dtype=np.float64)
         before = implicit_reward(previous, ref, beta=beta, kind=kind, lengths=lengths)
