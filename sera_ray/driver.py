@@ -373,28 +373,23 @@ class SeraDriver:
             top_fraction=cfg.selection.top_fraction,
             threshold=cfg.selection.threshold,
         )
-        if t == 1 or not cfg.selection.enabled:
-            # The policy equals the reference in iteration 1: all margins are zero, keep all.
-            # Without selection (plain DAA) nothing is scored either.
+        # The policy equals the reference in iteration 1: all margins are zero, keep all.
+        # Without selection (plain DAA) nothing is scored either.
+        keep_all = t == 1 or not cfg.selection.enabled
+        scored = None
+        if keep_all:
             options.update(lam=0.0)
-            return self._local(
-                _select,
-                None,
-                str(run.offline_path),
-                str(run.selected_path(t)),
-                keep_all=True,
-                **options,
+        else:
+            blocks, _ = self._blocks(run.offline_path, cfg.scoring.rows_per_block)
+            scored = map_blocks(
+                blocks, self.roles.policy_scorers, "score_pairs", f"policy scores (iteration {t})"
             )
-        blocks, _ = self._blocks(run.offline_path, cfg.scoring.rows_per_block)
-        scored = map_blocks(
-            blocks, self.roles.policy_scorers, "score_pairs", f"policy scores (iteration {t})"
-        )
         return self._local(
             _select,
             scored,
             str(run.offline_path),
             str(run.selected_path(t)),
-            keep_all=False,
+            keep_all=keep_all,
             **options,
         )
 
