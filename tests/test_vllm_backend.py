@@ -13,6 +13,7 @@ import pytest
 import ray
 import torch
 
+from sera_ray.algo.logprobs import probe_logprobs
 from sera_ray.sync import (
     WeightSyncError,
     compare_probe_logprobs,
@@ -84,15 +85,6 @@ def new_model(tokenizer):
     return build_tiny_llama(tokenizer, seed=7)
 
 
-@torch.no_grad()
-def transformers_probe_logprobs(model, sequences: list[list[int]]) -> list[float]:
-    input_ids = torch.tensor(sequences)
-    logprobs = torch.log_softmax(model(input_ids).logits[:, :-1].float(), dim=-1)
-    token_logprobs = logprobs.gather(-1, input_ids[:, 1:].unsqueeze(-1)).squeeze(-1)
-    # Summed in float64, as vLLM's per-token log-probs are summed in Python floats.
-    return token_logprobs.double().sum(-1).tolist()
-
-
 def load_blob(engine, model) -> float:
     """Sync `model`'s weights into the engine through a blob; return the seconds it took."""
     blob = pack_blob(model.state_dict().items())
@@ -133,7 +125,7 @@ def test_probe_logprobs_equal_transformers_on_the_saved_model(
 
     observed = ray.get(engine.probe_logprobs.remote(probes))
 
-    expected = transformers_probe_logprobs(saved, probes)
+    expected = probe_logprobs(saved, probes)
     max_diff = compare_probe_logprobs(expected, observed, tolerance=TOLERANCE, receiver="vllm")
     logger.info("probe max diff against transformers %.2e", max_diff)
 
@@ -144,7 +136,7 @@ def test_blob_sync_changes_samples_and_probes_follow_the_new_weights(
     load_blob(engine, tiny_model)
     samples_before = ray.get(engine.generate.remote(PROMPTS, SAMPLING))
     probes_before = ray.get(engine.probe_logprobs.remote(probes))
-    expected = transformers_probe_logprobs(new_model, probes)
+    expected = probe_logprobs(new_model, probes)
 
     seconds = load_blob(engine, new_model)
 
@@ -173,7 +165,7 @@ def test_collective_gloo_sync_loads_the_broadcast_into_the_engine(
     ray.get(
         [sender.init_group.remote(addr, port, 2), engine.join_weight_group.remote(addr, port, 1, 2)]
     )
-    expected = transformers_probe_logprobs(broadcast_model, probes)
+    expected = probe_logprobs(broadcast_model, probes)
 
     start = time.perf_counter()
     loaded = engine.receive_weights_collective.remote()

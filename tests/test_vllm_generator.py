@@ -17,6 +17,7 @@ import pytest
 import ray
 import torch
 
+from sera_ray.algo.logprobs import probe_logprobs
 from sera_ray.sync import WeightSyncError, compare_probe_logprobs, free_port, make_transport
 from sera_ray.sync import probe_sequences as make_probe_sequences
 from sera_ray.workers.generator import CANDIDATES_SCHEMA, GeneratorWorker
@@ -133,15 +134,6 @@ def lane(request, ray_cluster, tiny_model_dir, new_model):
     lane.close()
 
 
-@torch.no_grad()
-def transformers_probe_logprobs(model, sequences: list[list[int]]) -> list[float]:
-    input_ids = torch.tensor(sequences)
-    logprobs = torch.log_softmax(model(input_ids).logits[:, :-1].float(), dim=-1)
-    token_logprobs = logprobs.gather(-1, input_ids[:, 1:].unsqueeze(-1)).squeeze(-1)
-    # Summed in float64, as vLLM's per-token log-probs are summed in Python floats.
-    return token_logprobs.double().sum(-1).tolist()
-
-
 def test_generate_returns_n_candidates_per_prompt_finished_exactly_when_they_end_in_eos(
     lane, prompts, tokenizer
 ):
@@ -171,7 +163,7 @@ def test_generate_returns_n_candidates_per_prompt_finished_exactly_when_they_end
 def test_sync_moves_probes_and_samples_to_the_new_weights_without_a_checksum(
     lane, prompts, new_model, probes
 ):
-    expected = transformers_probe_logprobs(new_model, probes)
+    expected = probe_logprobs(new_model, probes)
     probes_before = ray.get(lane.worker.probe_logprobs.remote(probes))
     samples_before = ray.get(lane.worker.generate.remote(prompts, SAMPLING))
 

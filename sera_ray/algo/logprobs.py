@@ -53,12 +53,16 @@ def _decoder_and_head(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn
 
 
 def response_logprobs(
-    model: torch.nn.Module, batch: PackedBatch, chunk_size: int = 1024
+    model: torch.nn.Module,
+    batch: PackedBatch,
+    chunk_size: int = 1024,
+    sum_dtype: torch.dtype | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed log-prob of the response tokens of each sequence, and the response token count.
 
     Position i predicts token i+1, so the hidden state before each response token is the one
-    sent through the LM head. Gradients flow when the caller has them enabled.
+    sent through the LM head. Gradients flow when the caller has them enabled. `sum_dtype`
+    (e.g. float64) sums the per-token log-probs more precisely than the logits' dtype.
     """
     body, head = _decoder_and_head(model)
     hidden = body(input_ids=batch.input_ids, attention_mask=batch.attention_mask)[0]
@@ -76,6 +80,8 @@ def response_logprobs(
         picked = logits.gather(-1, chunk_targets.unsqueeze(-1)).squeeze(-1)
         token_logps.append(picked - torch.logsumexp(logits, dim=-1))
     flat = torch.cat(token_logps) if token_logps else hidden.new_zeros(0)
+    if sum_dtype is not None:
+        flat = flat.to(sum_dtype)
 
     batch_size = batch.input_ids.shape[0]
     sums = torch.zeros(batch_size, dtype=flat.dtype, device=flat.device).index_add(0, rows, flat)
@@ -116,7 +122,8 @@ def sequence_logprobs(
     """Response log-probs of many sequences, batched by length to waste little on padding.
 
     Sequences are sorted by length and packed into batches of at most `max_tokens_per_batch`
-    padded tokens; results come back in the input order.
+    padded tokens; results come back in the input order. Sums are taken in float64: a float32
+    sum of ~24 token log-probs drifts by about 1e-5, the tolerance of a weight-sync probe.
     """
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]) + len(responses[i]))
     logps = [0.0] * len(prompts)
@@ -141,7 +148,7 @@ def sequence_logprobs(
             pad_token_id,
             device,
         )
-        sums, lengths = response_logprobs(model, batch, chunk_size)
+        sums, lengths = response_logprobs(model, batch, chunk_size, sum_dtype=torch.float64)
         for row, i in enumerate(batch_rows):
             logps[i] = float(sums[row])
             counts[i] = int(lengths[row])
